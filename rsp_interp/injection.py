@@ -44,7 +44,9 @@ class TokenizedPrompt:
             return self.header_start
         if position == "start":
             return 1
-        raise InputError(f"Unknown RSP position {position!r}: choose one of {', '.join(POSITIONS)}.")
+        raise InputError(
+            f"Unknown RSP position {position!r}: choose one of {', '.join(POSITIONS)}."
+        )
 
 
 def tokenize_prompt(prompt: Any, tokenizer: Any) -> TokenizedPrompt:
@@ -53,7 +55,9 @@ def tokenize_prompt(prompt: Any, tokenizer: Any) -> TokenizedPrompt:
     Body and assistant header are tokenised separately so the header boundary is a token
     boundary; the tokenizer's own special tokens (e.g. BOS) are added to the body only.
     """
-    body, header = (prompt, "") if isinstance(prompt, str) else (prompt.body, prompt.assistant_header)
+    body, header = (
+        (prompt, "") if isinstance(prompt, str) else (prompt.body, prompt.assistant_header)
+    )
     body_ids = tokenizer(body, add_special_tokens=True)["input_ids"]
     header_ids = tokenizer(header, add_special_tokens=False)["input_ids"] if header else []
     if not body_ids and not header_ids:
@@ -100,7 +104,9 @@ def build_batch(
                 f"RSPs must be [n_prompts={n}, L, d_model={d}], got {tuple(rsps.shape)}."
             )
         if not torch.isfinite(rsps).all():
-            raise InputError("RSP vectors contain NaN or inf; check the sampler or tensor you passed.")
+            raise InputError(
+                "RSP vectors contain NaN or inf; check the sampler or tensor you passed."
+            )
     n_rsp = 0 if rsps is None else rsps.shape[1]
     lengths = [len(p.ids) + n_rsp for p in prompts]
     t_max = max(lengths)
@@ -113,7 +119,7 @@ def build_batch(
         ids = list(p.ids)
         token_ids[b, off : off + cut] = torch.tensor(ids[:cut], dtype=torch.long)
         token_ids[b, off + cut + n_rsp : t_max] = torch.tensor(ids[cut:], dtype=torch.long)
-        roles[b, off : t_max] = int(Role.PROMPT)
+        roles[b, off:t_max] = int(Role.PROMPT)
         roles[b, off + cut : off + cut + n_rsp] = int(Role.RSP)
         roles[b, off] = int(Role.BOS)
     attention_mask = (roles != int(Role.PAD)).long()

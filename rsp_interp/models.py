@@ -110,7 +110,9 @@ def resolve_device(device: str | None) -> torch.device:
     except RuntimeError as exc:
         raise ValueError(f"Unknown device {device!r}: use cpu, cuda, cuda:N or auto.") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Device {device!r} requested but CUDA is not available: use --device cpu.")
+        raise ValueError(
+            f"Device {device!r} requested but CUDA is not available: use --device cpu."
+        )
     return dev
 
 
@@ -130,7 +132,9 @@ def load_model(
     if name in TINY_CONFIGS:
         tok = byte_tokenizer(chat=True)
         model = tiny_model(name, vocab_size=len(tok), seed=seed)
-        return _wrap(model, tok, name, "tiny random model (config)", _state_dict_sha(model), dev, dtype)
+        return _wrap(
+            model, tok, name, "tiny random model (config)", _state_dict_sha(model), dev, dtype
+        )
     if name == "smollm2-135m":
         hf_dir, sha = embedded.converted_smollm2()
         model, tok = _load_hf_dir(hf_dir, dtype)
@@ -200,7 +204,9 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype):
 
     try:
         with _quiet():
-            local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+            local = snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
+            )
     except Exception as exc:  # offline, DNS failure, gated repo, unknown id ...
         raise ModelNotFoundError(
             repo_id,

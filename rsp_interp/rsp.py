@@ -41,7 +41,9 @@ class RSPConfig:
         from rsp_interp.injection import POSITIONS
 
         if self.kind not in RSP_KINDS:
-            raise InputError(f"Unknown RSP kind {self.kind!r}: choose one of {', '.join(RSP_KINDS)}.")
+            raise InputError(
+                f"Unknown RSP kind {self.kind!r}: choose one of {', '.join(RSP_KINDS)}."
+            )
         if self.length < 0:
             raise InputError(f"RSP length must be >= 0 (0 = no RSP), got {self.length}.")
         if not np.isfinite(self.scale) or self.scale < 0:
@@ -128,7 +130,9 @@ class RSPSampler:
         """Fit W_E of a :class:`~rsp_interp.models.LoadedModel` and build its sampler."""
         w_e = model.embedding_matrix
         special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
-        return cls(EmbeddingStats.fit(w_e), config, w_e=w_e, exclude_token_ids=special, tensor=tensor)
+        return cls(
+            EmbeddingStats.fit(w_e), config, w_e=w_e, exclude_token_ids=special, tensor=tensor
+        )
 
     def draw(self, rsp_seed: int) -> torch.Tensor:
         """One RSP, ``[L, d_model]`` float32 on the CPU. Same seed, same vectors."""
@@ -153,7 +157,9 @@ class RSPSampler:
     def draw_token_ids(self, rsp_seed: int) -> torch.Tensor:
         """For ``token``: which token ids the draw with this seed used."""
         g = torch.Generator().manual_seed(int(rsp_seed))
-        return self._token_pool[torch.randint(len(self._token_pool), (self.config.length,), generator=g)]
+        return self._token_pool[
+            torch.randint(len(self._token_pool), (self.config.length,), generator=g)
+        ]
 
     def draw_batch(self, rsp_seeds: list[int]) -> torch.Tensor:
         """``[B, L, d_model]``, one fresh RSP per seed."""

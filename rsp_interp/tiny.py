@@ -35,7 +35,9 @@ TINY_CONFIGS = {
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (what ByteLevel pre-tokenizers emit)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    )
     mapping, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -82,9 +84,7 @@ def tiny_model(name: str, vocab_size: int, seed: int = 0, n_ctx: int = 512) -> P
         )
         cls = LlamaForCausalLM
     elif name == "tiny-gpt2":
-        cfg = GPT2Config(
-            n_layer=2, n_head=4, n_embd=64, vocab_size=vocab_size, n_positions=n_ctx
-        )
+        cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=vocab_size, n_positions=n_ctx)
         cls = GPT2LMHeadModel
     else:
         raise KeyError(name)
@@ -93,5 +93,5 @@ def tiny_model(name: str, vocab_size: int, seed: int = 0, n_ctx: int = 512) -> P
     # Random init leaves the embedding table with a tiny scale; give it a realistic spread so
     # RSP statistics are non-degenerate.
     with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0.0, 0.5)
+        model.get_input_embeddings().weight.normal_(0.0, 0.1)
     return model.eval()
