@@ -7,10 +7,11 @@ on BOS (the first position, the classic sink), on the prompt and on generated to
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
 import plotly.graph_objects as go
+import typer
 from plotly.subplots import make_subplots
 
 from rsp_interp.captures import CaptureConfig
@@ -18,6 +19,15 @@ from rsp_interp.experiment import Condition, ExperimentResult, run_experiment
 from rsp_interp.generation import SamplingConfig
 
 NAME = "attention-sink"
+
+
+def cli_options(
+    paired_baseline: Annotated[
+        bool, typer.Option(help="Also run a teacher-forced no-RSP stream for KL (first k steps).")
+    ] = True,
+) -> dict[str, Any]:
+    """Extra flags of ``rsp-interp attention-sink`` -> keyword arguments of :func:`experiment`."""
+    return {"paired_baseline": paired_baseline}
 
 
 def experiment(

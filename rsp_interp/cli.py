@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import sys
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rsp_interp.errors import RSPInterpError
-from rsp_interp.runner import CommonOptions, run_analysis
+from rsp_interp.runner import ANALYSES, CommonOptions, run_analysis
 
 app = typer.Typer(
     add_completion=False,
@@ -51,7 +52,8 @@ COMMON_HELP = {
 
 def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Give a command ``func(opts: CommonOptions, **extra)`` the common flags as CLI options."""
-    extra = [p for name, p in inspect.signature(func).parameters.items() if name != "opts"]
+    sig = inspect.signature(func, eval_str=True)
+    extra = [p for name, p in sig.parameters.items() if name != "opts"]
     params = []
     for f in fields(CommonOptions):
         flag = "--" + f.name.replace("_", "-")
@@ -117,20 +119,25 @@ def models_cmd() -> None:
     console.print(table)
 
 
-@app.command("attention-sink")
-@common_options
-def attention_sink_cmd(
-    opts: CommonOptions,
-    paired_baseline: Annotated[
-        bool,
-        typer.Option(help="Also run a teacher-forced no-RSP stream for KL over the first k steps."),
-    ] = True,
-) -> None:
-    """How much attention the RSP positions absorb, per layer and step, beside the BOS sink."""
-    execute("attention-sink", opts, paired_baseline=paired_baseline)
+def _register_analyses() -> None:
+    """One subcommand per entry of ``runner.ANALYSES``: common flags + the module's own."""
+    for name, module_path in ANALYSES.items():
+        module = importlib.import_module(module_path)
+        extra = getattr(module, "cli_options", lambda: {})
+
+        def command(opts: CommonOptions, _name: str = name, _extra: Any = extra, **kw: Any) -> None:
+            execute(_name, opts, **_extra(**kw))
+
+        params = [inspect.Parameter("opts", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        params += list(inspect.signature(extra, eval_str=True).parameters.values())
+        command.__signature__ = inspect.Signature(params)
+        paragraphs = (module.__doc__ or name).strip().split("\n\n")
+        command.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+        app.command(name, help=command.__doc__)(common_options(command))
 
 
 def main() -> None:
+    _register_analyses()
     app()
 
 

@@ -152,9 +152,11 @@ def generate(
     roles[:, :t0] = batch.roles
     state = RunState(roles=roles, prefill_len=t0)
     rec = Recorder(capture, state, model.n_layers, model.n_heads, n_steps, dev)
-    hooks = rec.hooks()
+    # interventions first, so captures on the same hook point see the intervened values
+    hooks: list[Hook] = []
     for item in interventions:
         hooks += item.hooks(state, model) if isinstance(item, Intervention) else [item]
+    hooks += rec.hooks()
     stops = torch.tensor(sorted(stop_token_ids(model.tokenizer, model.hf_model)), device=dev)
     k = min(capture.first_k, n_steps)
     fwd_kwargs = {"logits_to_keep": 1} if _accepts(model.hf_model, "logits_to_keep") else {}
@@ -268,7 +270,7 @@ def generate(
 class _Baseline:
     """The paired no-RSP stream, teacher-forced on the RSP run's tokens (for KL)."""
 
-    def __init__(self, model: Any, prompts: list[TokenizedPrompt], fwd_kwargs: dict):
+    def __init__(self, model: Any, prompts: list[TokenizedPrompt], fwd_kwargs: dict) -> None:
         self.model, self.fwd_kwargs = model, fwd_kwargs
         self.batch = build_batch(model, prompts, None)
         self.logprobs: torch.Tensor | None = None

@@ -6,7 +6,8 @@ An analysis module (in ``analyses/``) provides::
     def experiment(model, problems, opts: CommonOptions, **kw) -> ExperimentResult
     def run(model, problems, opts, **kw) -> pd.DataFrame     # = experiment(...).metrics
     def summarize(metrics: pd.DataFrame) -> dict
-    def plot(metrics: pd.DataFrame) -> plotly Figure
+    def plot(metrics: pd.DataFrame) -> plotly Figure, or {file stem: Figure}
+    def cli_options(<typer-annotated extra flags>) -> dict  # optional: kwargs for experiment
 
 :func:`run_analysis` loads the model and prompts, runs the module and writes
 ``metrics.parquet``, ``samples.parquet``, ``prefill.parquet`` (when captured), ``summary.json``,
@@ -111,12 +112,16 @@ def run_analysis(
     files: list[Path] = []
     if out_dir is not None:
         files.append(io.write_parquet(out_dir / "metrics.parquet", result.metrics))
-        files.append(io.write_parquet(out_dir / "samples.parquet", result.samples))
+        if len(result.samples):
+            files.append(io.write_parquet(out_dir / "samples.parquet", result.samples))
         if len(result.prefill):
             files.append(io.write_parquet(out_dir / "prefill.parquet", result.prefill))
         files.append(io.write_json(out_dir / "summary.json", summary))
-        fig = module.plot(result.metrics)
-        files += io.write_figure(fig, out_dir / name.replace("-", "_"), png=opts.png)
+        figs = module.plot(result.metrics)
+        if not isinstance(figs, dict):
+            figs = {name.replace("-", "_"): figs}
+        for stem, fig in figs.items():
+            files += io.write_figure(fig, out_dir / stem, png=opts.png)
         record = run_record(
             model,
             {"analysis": name, "options": asdict(opts), "analysis_kwargs": kwargs, **result.config},

@@ -89,6 +89,9 @@ def tiny_model(name: str, vocab_size: int, seed: int = 0, n_ctx: int = 512) -> P
     else:
         raise KeyError(name)
     cfg.architectures = [cls.__name__]
+    # ids of <|endoftext|> and <|pad|> in byte_tokenizer(): 256 + index in SPECIAL_TOKENS
+    cfg.bos_token_id = cfg.eos_token_id = 256
+    cfg.pad_token_id = 256 + SPECIAL_TOKENS.index("<|pad|>")
     model = cls(cfg)
     # Random init leaves the embedding table with a tiny scale; give it a realistic spread so
     # RSP statistics are non-degenerate.
