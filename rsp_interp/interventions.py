@@ -86,7 +86,8 @@ class PatchResidualAtRSP(Intervention):
             if n != self.replacement[:, :, 0].numel():
                 raise ValueError(
                     f"Replacement has {tuple(self.replacement.shape)} RSP vectors but the batch "
-                    f"has {n} RSP positions: capture it from a control run with the same rows and L."
+                    f"has {n} RSP positions: capture it from a control run with the same rows "
+                    "and L."
                 )
             resid = resid.clone()
             resid[mask] = self.replacement.to(resid.device, resid.dtype).reshape(n, -1)
