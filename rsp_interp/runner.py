@@ -32,6 +32,10 @@ from rsp_interp.rsp import RSPConfig
 
 ANALYSES = {
     "attention-sink": "analyses.attention_sink",
+    "entropy": "analyses.entropy",
+    "residual-norms": "analyses.residual_norms",
+    "ablate": "analyses.ablate",
+    "logit-lens": "analyses.logit_lens",
 }
 """CLI name -> module. Analyses register here so the CLI and the Python API find them."""
 
