@@ -8,6 +8,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -85,7 +86,7 @@ def execute(name: str, opts: CommonOptions, **kwargs: Any) -> None:
     try:
         _, summary, files = run_analysis(name, opts, command=sys.argv, **kwargs)
     except RSPInterpError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")  # messages may contain [..]
         raise typer.Exit(2) from None
     table = Table(title=f"{name} summary", show_header=True)
     table.add_column("quantity")
@@ -99,7 +100,7 @@ def execute(name: str, opts: CommonOptions, **kwargs: Any) -> None:
         table.add_row(key, _fmt(value))
     console.print(table)
     for f in files:
-        console.print(f"wrote {f}")
+        console.print(f"wrote {escape(str(f))}", soft_wrap=True)  # paths stay whole, literal
 
 
 def _fmt(v: Any) -> str:
@@ -119,9 +120,83 @@ def models_cmd() -> None:
     console.print(table)
 
 
+@app.command("bench")
+def bench_cmd(
+    out: Annotated[str, typer.Option("--out", help="JSON file to write the results to.")],
+    model: Annotated[str, typer.Option("--model", help="Model to benchmark.")] = "smollm2-135m",
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Batch 1 and 8, 100+128 tokens, 1 repeat.")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N.")] = "cpu",
+    threads: Annotated[int, typer.Option("--threads", help="torch threads (0 = default).")] = 0,
+    isolate: Annotated[
+        bool, typer.Option("--isolate/--no-isolate", help="Each case in a fresh process.")
+    ] = True,
+) -> None:
+    """Tokens/s and memory of rsp-interp generation vs Hugging Face and TransformerLens generate."""
+    from rsp_interp import bench, io
+
+    try:
+        io.prepare_out_dir(Path(out).expanduser().resolve().parent)
+        cases = bench.default_cases(quick=quick)
+        report = bench.run_bench(
+            model,
+            cases,
+            device=device,
+            threads=threads,
+            isolate=isolate,
+            on_record=lambda r: console.print(
+                f"{r['method']:>17} B={r['batch']:<3} {r['prompt_len']}+{r['new_tokens']}: "
+                f"{r['tokens_per_s']:8.2f} tok/s  peak {r['peak_mem_mb']:7.1f} MB"
+            ),
+        )
+    except RSPInterpError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    table = Table(
+        title=f"bench {model} ({report['machine']['cpu']}, "
+        f"{report['machine']['torch_threads']} threads)"
+    )
+    for col in (
+        "method",
+        "batch",
+        "prompt+new",
+        "tok/s",
+        "ratio vs HF",
+        "peak MB",
+        "capture B/token",
+        "warm-up s",
+    ):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in report["records"]:
+        ratio, cap = r["ratio_vs_hf"], r["capture_bytes_per_token"]
+        table.add_row(
+            r["method"],
+            str(r["batch"]),
+            f"{r['prompt_len']}+{r['new_tokens']}",
+            f"{r['tokens_per_s']:.2f}",
+            "-" if ratio is None else f"{ratio:.2f}",
+            f"{r['peak_mem_mb']:.0f}",
+            "-" if cap is None else f"{cap:.0f}",
+            f"{r['warmup_s']:.2f}",
+        )
+    console.print(table)
+    best = report["best"]
+    console.print(
+        f"matmul {report['matmul_gflops']:.1f} GFLOP/s; best {best['method']} "
+        f"B={best['batch']}: {best['model_gflops']:.1f} GFLOP/s model "
+        f"({best['fraction_of_matmul']:.0%} of matmul). rsp-interp rows include a "
+        f"{bench.RSP_LENGTH}-vector RSP (10 extra positions)."
+    )
+    console.print(f"wrote {escape(str(io.write_json(Path(out), report)))}", soft_wrap=True)
+
+
 def _register_analyses() -> None:
     """One subcommand per entry of ``runner.ANALYSES``: common flags + the module's own."""
+    registered = {c.name for c in app.registered_commands}
     for name, module_path in ANALYSES.items():
+        if name in registered:  # idempotent: tests may call this more than once
+            continue
         try:
             module = importlib.import_module(module_path)
         except ModuleNotFoundError as exc:

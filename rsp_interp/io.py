@@ -34,6 +34,13 @@ def prepare_out_dir(out: str | Path) -> Path:
     return path
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give (mkstemp's own is 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """Call ``writer(tmp_path)`` then rename ``tmp_path`` to ``path``."""
     path = Path(path)
@@ -41,6 +48,7 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,25 +57,21 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
 
 
 def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
     if isinstance(obj, Path):
         return str(obj)
     return repr(obj)
 
 
 def _clean(obj: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
+    """NaN/inf are not JSON: write them as null. numpy/torch values become Python ones."""
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # arrays, tensors, scalars
+        obj = obj.tolist()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+    if isinstance(obj, (list, tuple, set)):
+        return [_clean(v) for v in (sorted(obj, key=repr) if isinstance(obj, set) else obj)]
     return obj
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 
 from rsp_interp import io
 from rsp_interp.errors import InputError
-from rsp_interp.models import DEFAULT_MODEL, LoadedModel, load_model
+from rsp_interp.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
 from rsp_interp.prompts import Problem, load_prompts
 from rsp_interp.provenance import now, run_record
 from rsp_interp.rsp import RSPConfig
@@ -83,12 +83,28 @@ class CommonOptions:
         if self.rsp_length < 1:
             raise InputError(f"--rsp-length must be >= 1, got {self.rsp_length}.")
         self.rsp()  # validates kind, scale, position
+        try:
+            resolve_device(self.device)
+        except ValueError as exc:
+            raise InputError(f"--device {self.device!r}: {exc}") from exc
 
 
 def get_analysis(name: str) -> Any:
     if name not in ANALYSES:
         raise InputError(f"Unknown analysis {name!r}: choose one of {', '.join(ANALYSES)}.")
     return importlib.import_module(ANALYSES[name])
+
+
+def _load_problems(opts: CommonOptions) -> list[Problem]:
+    try:
+        return load_prompts(opts.prompts, opts.n_prompts, opts.seed)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(
+            f"Cannot load prompts from --prompts {opts.prompts!r}: {exc}. Pass arith, arith:K, "
+            "gsm8k, or the path of an existing GSM8K-format .jsonl file."
+        ) from exc
 
 
 def run_analysis(
@@ -105,16 +121,16 @@ def run_analysis(
     """
     opts.validate()
     module = get_analysis(name)
-    out_dir = io.prepare_out_dir(opts.out) if opts.out else None  # fail before the slow part
     started = now()
+    problems = problems if problems is not None else _load_problems(opts)  # cheap, may fail
+    out_dir = io.prepare_out_dir(opts.out) if opts.out else None  # fail before the slow part
     model = model or load_model(opts.model, device=opts.device, seed=opts.seed)
-    problems = (
-        problems if problems is not None else load_prompts(opts.prompts, opts.n_prompts, opts.seed)
-    )
     result = module.experiment(model, problems, opts, **kwargs)
     summary = module.summarize(result.metrics)
     files: list[Path] = []
     if out_dir is not None:
+        # run.json marks a finished run: drop a previous run's before overwriting its outputs
+        (out_dir / "run.json").unlink(missing_ok=True)
         files.append(io.write_parquet(out_dir / "metrics.parquet", result.metrics))
         if len(result.samples):
             files.append(io.write_parquet(out_dir / "samples.parquet", result.samples))
