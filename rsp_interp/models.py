@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rsp_interp import embedded
-from rsp_interp.errors import ModelNotFoundError
+from rsp_interp.errors import InputError, ModelNotFoundError
 from rsp_interp.tiny import TINY_CONFIGS, byte_tokenizer, tiny_model
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -107,11 +107,16 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"Unknown device {device!r}: use cpu, cuda, cuda:N or auto.") from exc
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"Unknown device {device!r}: use cpu, cuda, cuda:N or auto.") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise InputError(
             f"Device {device!r} requested but CUDA is not available: use --device cpu."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            f"Device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+            "are visible: use cuda:0 or --device auto."
         )
     return dev
 
@@ -141,7 +146,7 @@ def load_model(
         return _wrap(model, tok, name, f"embedded: {embedded.WHEEL_REQUIREMENT}", sha, dev, dtype)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelNotFoundError(name, _choices_text())
+            raise ModelNotFoundError(name, _choices_text(), hint="no such .gguf file")
         hf_dir, sha = embedded.converted_gguf(path)
         model, tok = _load_hf_dir(hf_dir, dtype)
         return _wrap(model, tok, str(path), f"gguf file {path}", sha, dev, dtype)
@@ -202,23 +207,35 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
 def _load_from_hub(repo_id: str, dtype: torch.dtype):
     from huggingface_hub import snapshot_download
 
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it (and TRANSFORMERS_OFFLINE)
+    # now, so offline mode set later still means "local cache only" and fails fast.
+    offline = _hub_offline()
     try:
         with _quiet():
             local = snapshot_download(
-                repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+                local_files_only=offline,
             )
     except Exception as exc:  # offline, DNS failure, gated repo, unknown id ...
+        why = "offline mode is on and it is not in the local cache, so " if offline else ""
         raise ModelNotFoundError(
             repo_id,
             _choices_text(),
             hint=(
-                "the Hugging Face Hub is unreachable or the repo does not exist "
+                f"{why}the Hugging Face Hub is unreachable or the repo does not exist "
                 f"({type(exc).__name__}). Offline, use the embedded `smollm2-135m`, "
                 "or download the model elsewhere and pass its local directory"
             ),
         ) from exc
     model, tok = _load_hf_dir(Path(local), dtype)
     return model, tok, Path(local)
+
+
+def _hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set to a true value right now."""
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
 def _wrap(model, tok, model_id, source, sha, device, dtype) -> LoadedModel:

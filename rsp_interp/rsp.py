@@ -93,9 +93,8 @@ class EmbeddingStats:
 def derive_seed(base_seed: int, *keys: int) -> int:
     """A 63-bit seed for one (prompt, sample, ...) cell, stable across runs and platforms."""
     state = np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, *[int(k) for k in keys]])
-    return int(state.generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1 << 31, 1]) & (
-        (1 << 63) - 1
-    )
+    hi, lo = (int(w) for w in state.generate_state(2, dtype=np.uint32))
+    return ((hi << 32) | lo) & ((1 << 63) - 1)  # exact integer math: all 63 bits vary
 
 
 class RSPSampler:
@@ -148,11 +147,17 @@ class RSPSampler:
             return x / x.norm(dim=1, keepdim=True) * (st.mean_row_norm * cfg.scale)
         if cfg.kind == "token":
             idx = self._token_pool[torch.randint(len(self._token_pool), (cfg.length,), generator=g)]
-            return st.mean + cfg.scale * (self._w_e[idx] - st.mean)
+            return self._rescale(self._w_e[idx])
         if cfg.kind == "zeros":
             return torch.zeros(shape)
         assert self._tensor is not None
-        return st.mean + cfg.scale * (self._tensor - st.mean)
+        return self._rescale(self._tensor)
+
+    def _rescale(self, x: torch.Tensor) -> torch.Tensor:
+        """``mean + scale * (x - mean)``; exactly ``x`` at scale 1 (no float round trip)."""
+        if self.config.scale == 1:
+            return x.clone()
+        return self.stats.mean + self.config.scale * (x - self.stats.mean)
 
     def draw_token_ids(self, rsp_seed: int) -> torch.Tensor:
         """For ``token``: which token ids the draw with this seed used."""

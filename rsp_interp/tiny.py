@@ -84,7 +84,15 @@ def tiny_model(name: str, vocab_size: int, seed: int = 0, n_ctx: int = 512) -> P
         )
         cls = LlamaForCausalLM
     elif name == "tiny-gpt2":
-        cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=vocab_size, n_positions=n_ctx)
+        cfg = GPT2Config(
+            n_layer=2,
+            n_head=4,
+            n_embd=64,
+            vocab_size=vocab_size,
+            n_positions=n_ctx,
+            bos_token_id=256,  # GPT-2's default 50256 is outside our vocabulary (and warns)
+            eos_token_id=256,
+        )
         cls = GPT2LMHeadModel
     else:
         raise KeyError(name)
