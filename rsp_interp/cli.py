@@ -151,23 +151,14 @@ def bench_cmd(
             ),
         )
     except RSPInterpError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     table = Table(
         title=f"bench {model} ({report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads)"
     )
-    for col in (
-        "method",
-        "batch",
-        "prompt+new",
-        "tok/s",
-        "ratio vs HF",
-        "peak MB",
-        "capture B/token",
-        "warm-up s",
-    ):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    for col in ("method", "B", "prompt+new", "tok/s", "x HF", "peak MB", "cap B/tok", "warm s"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for r in report["records"]:
         ratio, cap = r["ratio_vs_hf"], r["capture_bytes_per_token"]
         table.add_row(

@@ -7,12 +7,15 @@ bridge: a prefill pass, then one cached step per new token. Capture hooks
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rsp_interp.captures import CaptureConfig, Recorder, RunState
 from rsp_interp.errors import InputError
@@ -106,12 +109,19 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def _sample(logits: torch.Tensor, gens: Sequence[torch.Generator] | None) -> torch.Tensor:
-    """Gumbel-max with one CPU generator per row: a row's draw ignores the rest of the batch."""
+    """Gumbel-max with one CPU generator per row: a row's draw ignores the rest of the batch.
+
+    Uniforms are float32 on the CPU (24-bit resolution, so the Gumbel tail is cut at ~16.6 and
+    probabilities below ~1e-7 are resolved only approximately); the transform and the argmax
+    run on the logits' device.
+    """
     if gens is None:
         return logits.argmax(-1)
-    u = torch.stack([torch.rand(logits.shape[-1], generator=g, dtype=torch.float64) for g in gens])
-    gumbel = -torch.log(-torch.log(u.clamp_(min=1e-300)))
-    return (logits.double() + gumbel.to(logits.device)).argmax(-1)
+    u = torch.empty((len(gens), logits.shape[-1]), dtype=torch.float32)
+    for row, g in zip(u, gens, strict=True):
+        row.uniform_(generator=g)
+    u = u.to(logits.device).clamp_(min=torch.finfo(torch.float32).tiny)
+    return (logits.float() - u.log_().neg_().log_()).argmax(-1)
 
 
 def generate(
@@ -173,36 +183,37 @@ def generate(
     attn_mask = torch.zeros((b, t0 + n_steps), dtype=torch.long, device=dev)
     attn_mask[:, :t0] = batch.attention_mask
     next_pos = batch.position_ids[:, -1:] + 1
-    bridge = model.bridge
     base = (
         _Baseline(model, prompts, fwd_kwargs)
         if capture.paired_baseline and rsps is not None and k
         else None
     )
+    # Nothing hooked: run the wrapped HF modules directly (no hook points, fused attention).
+    lean = not hooks and base is None
+    forward = _lean_forward(model) if lean else _bridge_forward(model)
+    gqa = [] if lean else _gqa_attention_modules(model)
+    n_rep = gqa[0].num_key_value_groups if gqa else 1
+    cache = _preallocated_cache(model.hf_model, t0 + n_steps, n_rep)
+    if cache is None and gqa:  # cannot hold repeated K/V: let the bridge repeat them
+        gqa, n_rep = [], 1
+    if base is not None:
+        base.cache = _preallocated_cache(model.hf_model, base.batch.length + k, n_rep)
 
-    with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
-        logits, cache = bridge(
-            batch.inputs_embeds,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            return_type="logits_and_cache",
-            use_cache=True,
-            **fwd_kwargs,
+    with torch.no_grad(), model.bridge.hooks(fwd_hooks=hooks), _kv_groups_of_one(gqa):
+        logits, cache = forward(
+            batch.inputs_embeds, batch.attention_mask, batch.position_ids, cache, fwd_kwargs
         )
         if base is not None:
             state.phase = "baseline"
             base.prefill()
         for t in range(n_steps):
             last = logits[:, -1].float()
-            if not torch.isfinite(last).any(-1).all():
-                raise InputError(
-                    f"Model produced NaN/inf logits at step {t}; check RSP scale and inputs."
-                )
             logprobs = last.log_softmax(-1)
             samp = filter_logits(last, sampling) if not sampling.is_greedy else last
             nxt = _sample(samp, gens)
             live = ~done
-            nxt = torch.where(live, nxt, torch.full_like(nxt, -1))
+            if sampling.stop_at_eos:
+                nxt = torch.where(live, nxt, torch.full_like(nxt, -1))
             tokens[:, t] = nxt
             ent[:, t] = torch.where(live, entropy(logprobs), float("nan"))
             safe = nxt.clamp(min=0)
@@ -212,7 +223,7 @@ def generate(
             if t < k:
                 ctx = StepContext(
                     logprobs,
-                    samp.log_softmax(-1),
+                    logprobs if samp is last else samp.log_softmax(-1),
                     safe,
                     base.logprobs if base is not None else None,
                 )
@@ -236,14 +247,17 @@ def generate(
                 state.phase = "baseline"
                 base.step(safe)
             state.phase, state.step = "step", t + 1
-            logits, cache = bridge(
-                model.embed(safe[:, None]),
-                attention_mask=attn_mask[:, : pos + 1],
-                position_ids=next_pos + t,
-                past_key_values=cache,
-                return_type="logits_and_cache",
+            logits, cache = forward(
+                model.embed(safe[:, None]), attn_mask[:, : pos + 1], next_pos + t, cache, {}
             )
 
+    # NaN/inf logits make a live row's entropy NaN; checked once here instead of every step.
+    bad = ent.isnan() & (tokens >= 0)
+    if bool(bad.any()):
+        step = int(bad.any(0).nonzero()[0, 0])
+        raise InputError(
+            f"Model produced NaN/inf logits at step {step}; check RSP scale and inputs."
+        )
     n_gen = (tokens >= 0).sum(-1)
     texts = [
         model.tokenizer.decode([x for x in row if x >= 0], skip_special_tokens=True)
@@ -283,6 +297,7 @@ class _Baseline:
             self.batch.inputs_embeds,
             attention_mask=self.mask,
             position_ids=self.batch.position_ids,
+            past_key_values=self.cache,
             return_type="logits_and_cache",
             use_cache=True,
             **self.fwd_kwargs,
@@ -307,3 +322,158 @@ def _accepts(module: Any, kwarg: str) -> bool:
         return kwarg in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+Forward = Callable[..., tuple[torch.Tensor, Any]]
+
+
+def _bridge_forward(model: Any) -> Forward:
+    """One (cached) forward through the bridge, so every hook point fires."""
+
+    def forward(embeds, mask, pos, cache, kwargs):
+        return model.bridge(
+            embeds,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            return_type="logits_and_cache",
+            use_cache=True,
+            **kwargs,
+        )
+
+    return forward
+
+
+def _lean_forward(model: Any) -> Forward:
+    """One (cached) forward through the unwrapped HF model (see :func:`unwrapped_hf_model`)."""
+    lean = model.extra.get("_unwrapped_hf")
+    if lean is None:
+        lean = model.extra["_unwrapped_hf"] = unwrapped_hf_model(model.hf_model)
+
+    def forward(embeds, mask, pos, cache, kwargs):
+        out = lean(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+        )
+        return out.logits, out.past_key_values
+
+    return forward
+
+
+def unwrapped_hf_model(hf_model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model with every bridge component swapped back for the module it wraps.
+
+    The bridge replaces the HF modules in place (adding hook points and an eager re-implementation
+    of attention). This returns a structural copy that shares every parameter and buffer (no
+    weight is copied) but runs the original HF forward code, with the fused ``sdpa`` attention
+    where the model supports it. Used when no hook is registered: same function, fewer layers of
+    Python and no materialised attention pattern.
+    """
+    config = copy.deepcopy(hf_model.config)
+    if getattr(hf_model, "_supports_sdpa", False):
+        config._attn_implementation = "sdpa"
+    memo: dict[int, torch.nn.Module] = {}
+
+    def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+        orig = getattr(module, "original_component", None)
+        src = orig if isinstance(orig, torch.nn.Module) else module
+        if id(src) in memo:
+            return memo[id(src)]
+        new = copy.copy(src)
+        memo[id(src)] = new
+        new._modules = {n: (None if c is None else unwrap(c)) for n, c in src._modules.items()}
+        if getattr(src, "config", None) is hf_model.config:
+            new.config = config
+        return new
+
+    return unwrap(hf_model).eval()
+
+
+class _PreallocLayer(DynamicLayer):
+    """A dynamic KV-cache layer that writes into a buffer sized for the whole run (no re-copy of
+    the cache at every step, as ``torch.cat`` does); keys/values are views of the buffer.
+
+    ``n_rep > 1`` stores grouped-query K/V already repeated per query head (as ``repeat_kv``
+    would), so attention code run with ``num_key_value_groups = 1`` does not copy the whole
+    cache at every step; see :func:`_kv_groups_of_one`.
+    """
+
+    def __init__(self, capacity: int, n_rep: int = 1) -> None:
+        super().__init__()
+        self.capacity, self.n_rep = capacity, n_rep
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.n_rep > 1:
+            key_states = key_states.repeat_interleave(self.n_rep, dim=1)
+            value_states = value_states.repeat_interleave(self.n_rep, dim=1)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            b, h, _, d = key_states.shape
+            self._k = key_states.new_empty((b, h, self.capacity, d))
+            self._v = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+            self._n = 0
+        n, q = self._n, key_states.shape[-2]
+        if n + q > self.capacity:  # more positions than planned: fall back to growing
+            self._k = torch.cat([self._k[..., :n, :], key_states], dim=-2)
+            self._v = torch.cat([self._v[..., :n, :], value_states], dim=-2)
+            self.capacity = n + q
+        else:
+            self._k[..., n : n + q, :] = key_states
+            self._v[..., n : n + q, :] = value_states
+        self._n = n + q
+        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+        return self.keys, self.values
+
+
+def _preallocated_cache(hf_model: Any, capacity: int, n_rep: int = 1) -> Any:
+    """A ``DynamicCache`` for ``hf_model`` whose plain (full-attention) layers are preallocated;
+    None (the model builds its own) when the model's cache layers are not all plain."""
+    try:
+        cache = DynamicCache(config=hf_model.config)
+    except Exception:  # unusual configs: let the model create its cache
+        return None
+    if not cache.layers:
+        cache = DynamicCache()
+        cache.layer_class_to_replicate = lambda: _PreallocLayer(capacity, n_rep)
+        return cache
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None if n_rep > 1 else cache  # sliding windows etc.: keep HF's own layers
+    cache.layers = [_PreallocLayer(capacity, n_rep) for _ in cache.layers]
+    return cache
+
+
+def _gqa_attention_modules(model: Any) -> list[torch.nn.Module]:
+    """The HF attention modules whose bridge repeats grouped K/V heads at every step.
+
+    Only for bridges that re-implement attention via ``num_key_value_groups`` on the wrapped
+    module (``PositionEmbeddingsAttentionBridge``: Llama, Qwen, Mistral, ...), with one group
+    size for all layers; otherwise empty (the bridge then repeats K/V as usual).
+    """
+    blocks = getattr(model.bridge, "blocks", None)
+    if not blocks:
+        return []
+    mods = []
+    for block in blocks:
+        attn = getattr(block, "attn", None)
+        if type(attn).__name__ != "PositionEmbeddingsAttentionBridge":
+            return []
+        mods.append(attn.original_component)
+    groups = {getattr(m, "num_key_value_groups", 1) for m in mods}
+    return mods if len(groups) == 1 and groups.pop() > 1 else []
+
+
+@contextlib.contextmanager
+def _kv_groups_of_one(modules: Sequence[torch.nn.Module]):
+    """Temporarily tell attention modules that K/V come already repeated (see _PreallocLayer)."""
+    saved = [m.num_key_value_groups for m in modules]
+    try:
+        for m in modules:
+            m.num_key_value_groups = 1
+        yield
+    finally:
+        for m, g in zip(modules, saved, strict=True):
+            m.num_key_value_groups = g
