@@ -13,13 +13,15 @@ replace the residual stream at the RSP positions entering layer l by its value i
 Where the RSP sits decides what can be measured. At ``end`` (the paper's placement and the
 default) the decision query is itself the last RSP vector: masking its attention leaves its own
 random residual stream in place, and patching the RSP positions at any layer replaces every
-position that saw the RSP, so the patching curve is flat at the control's share by construction.
+position that saw the RSP, so the patching curve is flat at the control's share by construction
+(the default patches only every 10th layer there; every layer elsewhere).
 At ``before-assistant`` the assistant header tokens read the RSP, so masking and patching tell
 apart "the header reads it" from "the decision query reads it directly".
 
 No generation is needed: per batch the RSP-free prefix is computed once, and each intervention
 reruns only the positions it can change (from the first RSP vector on, or only the last position
-for decision-query masks).
+for decision-query masks). Defaults on SmolLM2-135M (8 prompts x 2 draws, RSP at the end): about
+130 forward passes, most of them one token per row.
 """
 
 from __future__ import annotations
