@@ -101,9 +101,7 @@ class Token1Logprobs(Intervention):
 
 
 def capture_config(k: int) -> CaptureConfig:
-    return CaptureConfig(
-        attention=False, residual=False, prefill=False, first_k=k, step_scores=("top1_prob",)
-    )
+    return CaptureConfig.scores_only(k, ("top1_prob",))
 
 
 def experiment(

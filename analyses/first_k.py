@@ -32,13 +32,8 @@ COLORS = {"rsp": "#d62728", "none": "#1f77b4"}
 
 def capture_config(k: int) -> CaptureConfig:
     """Step scores for the first ``k`` steps and the paired baseline; nothing else (fast)."""
-    return CaptureConfig(
-        attention=False,
-        residual=False,
-        prefill=False,
-        first_k=k,
-        step_scores=("top1_prob", "sampling_entropy", "kl_to_baseline"),
-        paired_baseline=True,
+    return CaptureConfig.scores_only(
+        k, ("top1_prob", "sampling_entropy", "kl_to_baseline"), paired_baseline=True
     )
 
 

@@ -55,13 +55,7 @@ DIVERSITY = ("distinct_1", "distinct_2", "first_divergence")
 
 
 def capture_config(k: int) -> CaptureConfig:
-    return CaptureConfig(
-        attention=False,
-        residual=False,
-        prefill=False,
-        first_k=k,
-        step_scores=("top1_prob", "sampling_entropy"),
-    )
+    return CaptureConfig.scores_only(k, ("top1_prob", "sampling_entropy"))
 
 
 @torch.no_grad()

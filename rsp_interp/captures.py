@@ -35,6 +35,20 @@ class CaptureConfig:
     paired_baseline: bool = False
 
     @classmethod
+    def scores_only(
+        cls, k: int, step_scores: tuple[str, ...], paired_baseline: bool = False
+    ) -> CaptureConfig:
+        """Only per-step scores for the first ``k`` steps: no attention/residual (fast)."""
+        return cls(
+            attention=False,
+            residual=False,
+            prefill=False,
+            first_k=k,
+            step_scores=step_scores,
+            paired_baseline=paired_baseline,
+        )
+
+    @classmethod
     def off(cls) -> CaptureConfig:
         return cls(attention=False, residual=False, prefill=False, first_k=0, step_scores=())
 
