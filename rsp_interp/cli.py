@@ -171,7 +171,7 @@ def bench_cmd(
             "-" if cap is None else f"{cap:.0f}",
             f"{r['warmup_s']:.2f}",
         )
-    console.print(table)
+    console.print(table, width=max(console.width, 110))
     best = report["best"]
     console.print(
         f"matmul {report['matmul_gflops']:.1f} GFLOP/s; best {best['method']} "
