@@ -259,6 +259,12 @@ def generate(
             f"Model produced NaN/inf logits at step {step}; check RSP scale and inputs."
         )
     n_gen = (tokens >= 0).sum(-1)
+    # steps a row never generated (it had stopped) hold values computed from a dummy token
+    not_generated = torch.arange(n_steps, device=dev)[:, None] >= n_gen[None, :]  # [S, B]
+    if rec.attn is not None:
+        rec.attn.masked_fill_(not_generated[:, None, :, None, None], float("nan"))
+    if rec.resid is not None:
+        rec.resid.masked_fill_(not_generated[:, None, :], float("nan"))
     texts = [
         model.tokenizer.decode([x for x in row if x >= 0], skip_special_tokens=True)
         for row in tokens.tolist()

@@ -434,6 +434,10 @@ def test_row_stops_at_eos_and_others_continue(tiny_model):
         assert vals[0, :3].isfinite().all(), name
         assert vals[0, 3:].isnan().all(), name
         assert vals[1:].isfinite().all(), name
+    # captures of steps a row never generated are NaN, not values from a dummy token
+    assert out.attn[:3, :, 0].isfinite().all() and out.attn[3:, :, 0].isnan().all()
+    assert out.resid[:3, :, 0].isfinite().all() and out.resid[3:, :, 0].isnan().all()
+    assert out.attn[:, :, 1:].isfinite().all() and out.resid[:, :, 1:].isfinite().all()
     # the stop token itself is excluded from the text
     assert out.texts[0] == tiny_model.tokenizer.decode(out.tokens[0, :2].tolist())
 
