@@ -157,7 +157,7 @@ def bench_cmd(
         title=f"bench {model} ({report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads)"
     )
-    for col in ("method", "B", "prompt+new", "tok/s", "x HF", "peak MB", "cap B/tok", "warm s"):
+    for col in ("method", "B", "T+N", "tok/s", "x HF", "MB", "cap B/tok", "warm s"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for r in report["records"]:
         ratio, cap = r["ratio_vs_hf"], r["capture_bytes_per_token"]
@@ -171,7 +171,7 @@ def bench_cmd(
             "-" if cap is None else f"{cap:.0f}",
             f"{r['warmup_s']:.2f}",
         )
-    console.print(table, width=max(console.width, 110))
+    console.print(table)
     best = report["best"]
     console.print(
         f"matmul {report['matmul_gflops']:.1f} GFLOP/s; best {best['method']} "
