@@ -11,7 +11,8 @@ the last position of the prefill. Residual "layer ``l``" is the stream entering 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,47 +126,102 @@ class Recorder:
         self.groups[:, position, 3] = 1.0
 
     def hooks(self) -> list[tuple[str, Callable]]:
+        """TransformerLens hooks (bridge path) that fill the buffers."""
         hooks: list[tuple[str, Callable]] = []
         if self.attn is not None:
             hooks += [
-                (f"blocks.{layer}.attn.hook_pattern", self._attn_hook(layer))
+                (f"blocks.{layer}.attn.hook_pattern", self._tl_hook(self.record_attention, layer))
                 for layer in range(self.n_layers)
             ]
         if self.resid is not None:
             hooks += [
-                (f"blocks.{layer}.hook_resid_pre", self._resid_hook(layer))
+                (f"blocks.{layer}.hook_resid_pre", self._tl_hook(self.record_residual, layer))
                 for layer in range(self.n_layers)
             ]
             hooks.append(
-                (f"blocks.{self.n_layers - 1}.hook_resid_post", self._resid_hook(self.n_layers))
+                (
+                    f"blocks.{self.n_layers - 1}.hook_resid_post",
+                    self._tl_hook(self.record_residual, self.n_layers),
+                )
             )
         return hooks
 
-    def _attn_hook(self, layer: int) -> Callable:
-        def hook(pattern: torch.Tensor, hook=None) -> torch.Tensor:
-            st = self.state
-            if st.phase == "baseline":
-                return pattern
-            k = pattern.shape[-1]
-            last = pattern[:, :, -1, :].float()  # [B, H, K]
-            self.attn[st.step, layer] = torch.bmm(last, self.groups[:, :k, :])
-            if st.phase == "prefill" and self.prefill_attn is not None:
-                to_rsp = (pattern.float() * self._rsp_keys[:, None, None, :k]).sum(-1)  # [B,H,Q]
-                q = self._prefill_queries[:, None, :]
-                self.prefill_attn[layer] = (to_rsp * q).sum(-1) / q.sum(-1)
-            return pattern
+    @contextlib.contextmanager
+    def attached(
+        self, layers: Sequence[torch.nn.Module], attns: Sequence[torch.nn.Module]
+    ) -> Iterator[None]:
+        """Fill the buffers from plain PyTorch hooks on HF decoder layers and attention modules
+        (lean path): a layer's input is ``resid_pre``, the last layer's output ``resid_post``, and
+        an attention module's second output its pattern (eager attention)."""
+        handles = []
+        if self.attn is not None:
+            for layer, module in enumerate(attns):
+                handles.append(module.register_forward_hook(self._attn_module_hook(layer)))
+        if self.resid is not None:
+            for layer, module in enumerate(layers):
+                handles.append(
+                    module.register_forward_pre_hook(
+                        self._layer_input_hook(layer), with_kwargs=True
+                    )
+                )
+            handles.append(layers[-1].register_forward_hook(self._layer_output_hook()))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def record_attention(self, layer: int, pattern: torch.Tensor) -> None:
+        """Reduce one layer's pattern ``[B, H, Q, K]`` of the current forward."""
+        st = self.state
+        if st.phase == "baseline":
+            return
+        k = pattern.shape[-1]
+        last = pattern[:, :, -1, :].float()  # [B, H, K]
+        self.attn[st.step, layer] = torch.bmm(last, self.groups[:, :k, :])
+        if st.phase == "prefill" and self.prefill_attn is not None:
+            to_rsp = (pattern.float() * self._rsp_keys[:, None, None, :k]).sum(-1)  # [B, H, Q]
+            q = self._prefill_queries[:, None, :]
+            self.prefill_attn[layer] = (to_rsp * q).sum(-1) / q.sum(-1)
+
+    def record_residual(self, layer: int, resid: torch.Tensor) -> None:
+        """Reduce the residual stream ``[B, Q, d]`` entering block ``layer`` to norms."""
+        st = self.state
+        if st.phase == "baseline":
+            return
+        norms = resid.float().norm(dim=-1)  # [B, Q]
+        self.resid[st.step, layer] = norms[:, -1]
+        if st.phase == "prefill" and self.prefill_resid is not None:
+            self.prefill_resid[layer] = norms
+
+    @staticmethod
+    def _tl_hook(record: Callable, layer: int) -> Callable:
+        def hook(x: torch.Tensor, hook=None) -> torch.Tensor:
+            record(layer, x)
+            return x
 
         return hook
 
-    def _resid_hook(self, layer: int) -> Callable:
-        def hook(resid: torch.Tensor, hook=None) -> torch.Tensor:
-            st = self.state
-            if st.phase == "baseline":
-                return resid
-            norms = resid.float().norm(dim=-1)  # [B, Q]
-            self.resid[st.step, layer] = norms[:, -1]
-            if st.phase == "prefill" and self.prefill_resid is not None:
-                self.prefill_resid[layer] = norms
-            return resid
+    def _attn_module_hook(self, layer: int) -> Callable:
+        def hook(module, args, output) -> None:
+            pattern = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if pattern is None:
+                raise RuntimeError(
+                    f"{type(module).__name__} returned no attention pattern: the attention "
+                    "capture needs eager attention (or pass engine='bridge')."
+                )
+            self.record_attention(layer, pattern)
+
+        return hook
+
+    def _layer_input_hook(self, layer: int) -> Callable:
+        def hook(module, args, kwargs) -> None:
+            self.record_residual(layer, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def _layer_output_hook(self) -> Callable:
+        def hook(module, args, output) -> None:
+            self.record_residual(self.n_layers, output[0] if isinstance(output, tuple) else output)
 
         return hook

@@ -8,21 +8,30 @@ bridge: a prefill pass, then one cached step per new token. Capture hooks
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rsp_interp.captures import CaptureConfig, Recorder, RunState
 from rsp_interp.errors import InputError
 from rsp_interp.injection import InjectedBatch, Role, TokenizedPrompt, build_batch
+from rsp_interp.lean import (
+    CAPTURE_ATTENTION,
+    bridge_grouped_attns,
+    kv_groups_of_one,
+    lean_model,
+    preallocated_cache,
+)
 from rsp_interp.metrics import STEP_SCORES, StepContext, entropy
 
 Hook = tuple[str, Callable]
+Forward = Callable[..., tuple[torch.Tensor, Any]]
+ENGINES = ("auto", "bridge")
+"""``auto``: the lean HF path unless a TransformerLens hook is needed; ``bridge``: always the
+bridge (every hook point fires)."""
 
 
 @dataclass(frozen=True)
@@ -133,12 +142,17 @@ def generate(
     capture: CaptureConfig | None = None,
     sample_seeds: Sequence[int] | None = None,
     interventions: Sequence[Intervention | Hook] = (),
+    engine: str = "auto",
 ) -> GenerationOutput:
     """Generate from one batch; ``rsps[b]`` (``[B, L, d]``) goes into prompt ``b`` (None: no RSP).
 
     ``sample_seeds[b]`` seeds row ``b``'s token sampling, so a row's tokens depend only on its
     own seed, prompt and RSP: same seed, same tokens, whatever the batch composition.
+    Interventions and TransformerLens hooks run through the bridge; otherwise (``engine="auto"``)
+    the HF modules run directly (:mod:`rsp_interp.lean`), with the same captures.
     """
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
     sampling = sampling or SamplingConfig()
     capture = capture if capture is not None else CaptureConfig()
     unknown = [s for s in capture.step_scores if s not in STEP_SCORES]
@@ -166,7 +180,6 @@ def generate(
     hooks: list[Hook] = []
     for item in interventions:
         hooks += item.hooks(state, model) if isinstance(item, Intervention) else [item]
-    hooks += rec.hooks()
     stops = torch.tensor(sorted(stop_token_ids(model.tokenizer, model.hf_model)), device=dev)
     k = min(capture.first_k, n_steps)
     fwd_kwargs = {"logits_to_keep": 1} if _accepts(model.hf_model, "logits_to_keep") else {}
@@ -183,23 +196,36 @@ def generate(
     attn_mask = torch.zeros((b, t0 + n_steps), dtype=torch.long, device=dev)
     attn_mask[:, :t0] = batch.attention_mask
     next_pos = batch.position_ids[:, -1:] + 1
-    base = (
-        _Baseline(model, prompts, fwd_kwargs)
-        if capture.paired_baseline and rsps is not None and k
-        else None
-    )
-    # Nothing hooked: run the wrapped HF modules directly (no hook points, fused attention).
-    lean = not hooks and base is None
-    forward = _lean_forward(model) if lean else _bridge_forward(model)
-    gqa = [] if lean else _gqa_attention_modules(model)
+    lean = lean_model(model) if engine == "auto" and not hooks else None
+    needs_modules = rec.attn is not None or rec.resid is not None
+    if lean is not None and needs_modules and lean.layers is None:
+        lean = None  # layers not matched to the bridge's blocks: capture through the bridge
+    contexts: list[contextlib.AbstractContextManager] = []  # entered below, inside no_grad
+    if lean is not None:
+        # eager attention returns the pattern the capture reduces; otherwise the fused kernel
+        impl = CAPTURE_ATTENTION if rec.attn is not None else lean.fast_attention
+        forward, gqa = lean.forward, []
+        contexts.append(lean.attention(impl))
+        if needs_modules:
+            contexts.append(rec.attached(lean.layers, lean.attns))
+    else:
+        forward = _bridge_forward(model)
+        gqa = bridge_grouped_attns(model)
+        contexts.append(model.bridge.hooks(fwd_hooks=hooks + rec.hooks()))
     n_rep = gqa[0].num_key_value_groups if gqa else 1
-    cache = _preallocated_cache(model.hf_model, t0 + n_steps, n_rep)
-    if cache is None and gqa:  # cannot hold repeated K/V: let the bridge repeat them
+    cache = preallocated_cache(model.hf_model, t0 + n_steps, n_rep)
+    if cache is None and gqa:  # cannot hold repeated K/V: let attention repeat them
         gqa, n_rep = [], 1
-    if base is not None:
-        base.cache = _preallocated_cache(model.hf_model, base.batch.length + k, n_rep)
+    base = None
+    if capture.paired_baseline and rsps is not None and k:
+        base = _Baseline(model, prompts, forward, fwd_kwargs)
+        base.cache = preallocated_cache(model.hf_model, base.batch.length + k, n_rep)
 
-    with torch.no_grad(), model.bridge.hooks(fwd_hooks=hooks), _kv_groups_of_one(gqa):
+    contexts.append(kv_groups_of_one(gqa))
+
+    with torch.no_grad(), contextlib.ExitStack() as running:
+        for cm in contexts:
+            running.enter_context(cm)
         logits, cache = forward(
             batch.inputs_embeds, batch.attention_mask, batch.position_ids, cache, fwd_kwargs
         )
@@ -284,14 +310,17 @@ def generate(
         prefill_resid=cpu(rec.prefill_resid),
         prefill_attn=cpu(rec.prefill_attn),
         batch=batch,
+        extra={"engine": "lean" if lean is not None else "bridge"},
     )
 
 
 class _Baseline:
     """The paired no-RSP stream, teacher-forced on the RSP run's tokens (for KL)."""
 
-    def __init__(self, model: Any, prompts: list[TokenizedPrompt], fwd_kwargs: dict) -> None:
-        self.model, self.fwd_kwargs = model, fwd_kwargs
+    def __init__(
+        self, model: Any, prompts: list[TokenizedPrompt], forward: Forward, fwd_kwargs: dict
+    ) -> None:
+        self.model, self.forward, self.fwd_kwargs = model, forward, fwd_kwargs
         self.batch = build_batch(model, prompts, None)
         self.logprobs: torch.Tensor | None = None
         self.cache = None
@@ -299,26 +328,20 @@ class _Baseline:
         self.pos = self.batch.position_ids[:, -1:]
 
     def prefill(self) -> None:
-        logits, self.cache = self.model.bridge(
+        logits, self.cache = self.forward(
             self.batch.inputs_embeds,
-            attention_mask=self.mask,
-            position_ids=self.batch.position_ids,
-            past_key_values=self.cache,
-            return_type="logits_and_cache",
-            use_cache=True,
-            **self.fwd_kwargs,
+            self.mask,
+            self.batch.position_ids,
+            self.cache,
+            self.fwd_kwargs,
         )
         self.logprobs = logits[:, -1].float().log_softmax(-1)
 
     def step(self, token: torch.Tensor) -> None:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.pos = self.pos + 1
-        logits, self.cache = self.model.bridge(
-            self.model.embed(token[:, None]),
-            attention_mask=self.mask,
-            position_ids=self.pos,
-            past_key_values=self.cache,
-            return_type="logits_and_cache",
+        logits, self.cache = self.forward(
+            self.model.embed(token[:, None]), self.mask, self.pos, self.cache, {}
         )
         self.logprobs = logits[:, -1].float().log_softmax(-1)
 
@@ -328,9 +351,6 @@ def _accepts(module: Any, kwarg: str) -> bool:
         return kwarg in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-Forward = Callable[..., tuple[torch.Tensor, Any]]
 
 
 def _bridge_forward(model: Any) -> Forward:
@@ -348,138 +368,3 @@ def _bridge_forward(model: Any) -> Forward:
         )
 
     return forward
-
-
-def _lean_forward(model: Any) -> Forward:
-    """One (cached) forward through the unwrapped HF model (see :func:`unwrapped_hf_model`)."""
-    lean = model.extra.get("_unwrapped_hf")
-    if lean is None:
-        lean = model.extra["_unwrapped_hf"] = unwrapped_hf_model(model.hf_model)
-
-    def forward(embeds, mask, pos, cache, kwargs):
-        out = lean(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            **kwargs,
-        )
-        return out.logits, out.past_key_values
-
-    return forward
-
-
-def unwrapped_hf_model(hf_model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face model with every bridge component swapped back for the module it wraps.
-
-    The bridge replaces the HF modules in place (adding hook points and an eager re-implementation
-    of attention). This returns a structural copy that shares every parameter and buffer (no
-    weight is copied) but runs the original HF forward code, with the fused ``sdpa`` attention
-    where the model supports it. Used when no hook is registered: same function, fewer layers of
-    Python and no materialised attention pattern.
-    """
-    config = copy.deepcopy(hf_model.config)
-    if getattr(hf_model, "_supports_sdpa", False):
-        config._attn_implementation = "sdpa"
-    memo: dict[int, torch.nn.Module] = {}
-
-    def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-        orig = getattr(module, "original_component", None)
-        src = orig if isinstance(orig, torch.nn.Module) else module
-        if id(src) in memo:
-            return memo[id(src)]
-        new = copy.copy(src)
-        memo[id(src)] = new
-        new._modules = {n: (None if c is None else unwrap(c)) for n, c in src._modules.items()}
-        if getattr(src, "config", None) is hf_model.config:
-            new.config = config
-        return new
-
-    return unwrap(hf_model).eval()
-
-
-class _PreallocLayer(DynamicLayer):
-    """A dynamic KV-cache layer that writes into a buffer sized for the whole run (no re-copy of
-    the cache at every step, as ``torch.cat`` does); keys/values are views of the buffer.
-
-    ``n_rep > 1`` stores grouped-query K/V already repeated per query head (as ``repeat_kv``
-    would), so attention code run with ``num_key_value_groups = 1`` does not copy the whole
-    cache at every step; see :func:`_kv_groups_of_one`.
-    """
-
-    def __init__(self, capacity: int, n_rep: int = 1) -> None:
-        super().__init__()
-        self.capacity, self.n_rep = capacity, n_rep
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if self.n_rep > 1:
-            key_states = key_states.repeat_interleave(self.n_rep, dim=1)
-            value_states = value_states.repeat_interleave(self.n_rep, dim=1)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            b, h, _, d = key_states.shape
-            self._k = key_states.new_empty((b, h, self.capacity, d))
-            self._v = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
-            self._n = 0
-        n, q = self._n, key_states.shape[-2]
-        if n + q > self.capacity:  # more positions than planned: fall back to growing
-            self._k = torch.cat([self._k[..., :n, :], key_states], dim=-2)
-            self._v = torch.cat([self._v[..., :n, :], value_states], dim=-2)
-            self.capacity = n + q
-        else:
-            self._k[..., n : n + q, :] = key_states
-            self._v[..., n : n + q, :] = value_states
-        self._n = n + q
-        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
-        return self.keys, self.values
-
-
-def _preallocated_cache(hf_model: Any, capacity: int, n_rep: int = 1) -> Any:
-    """A ``DynamicCache`` for ``hf_model`` whose plain (full-attention) layers are preallocated;
-    None (the model builds its own) when the model's cache layers are not all plain."""
-    try:
-        cache = DynamicCache(config=hf_model.config)
-    except Exception:  # unusual configs: let the model create its cache
-        return None
-    if not cache.layers:
-        cache = DynamicCache()
-        cache.layer_class_to_replicate = lambda: _PreallocLayer(capacity, n_rep)
-        return cache
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return None if n_rep > 1 else cache  # sliding windows etc.: keep HF's own layers
-    cache.layers = [_PreallocLayer(capacity, n_rep) for _ in cache.layers]
-    return cache
-
-
-def _gqa_attention_modules(model: Any) -> list[torch.nn.Module]:
-    """The HF attention modules whose bridge repeats grouped K/V heads at every step.
-
-    Only for bridges that re-implement attention via ``num_key_value_groups`` on the wrapped
-    module (``PositionEmbeddingsAttentionBridge``: Llama, Qwen, Mistral, ...), with one group
-    size for all layers; otherwise empty (the bridge then repeats K/V as usual).
-    """
-    blocks = getattr(model.bridge, "blocks", None)
-    if not blocks:
-        return []
-    mods = []
-    for block in blocks:
-        attn = getattr(block, "attn", None)
-        if type(attn).__name__ != "PositionEmbeddingsAttentionBridge":
-            return []
-        mods.append(attn.original_component)
-    groups = {getattr(m, "num_key_value_groups", 1) for m in mods}
-    return mods if len(groups) == 1 and groups.pop() > 1 else []
-
-
-@contextlib.contextmanager
-def _kv_groups_of_one(modules: Sequence[torch.nn.Module]):
-    """Temporarily tell attention modules that K/V come already repeated (see _PreallocLayer)."""
-    saved = [m.num_key_value_groups for m in modules]
-    try:
-        for m in modules:
-            m.num_key_value_groups = 1
-        yield
-    finally:
-        for m, g in zip(modules, saved, strict=True):
-            m.num_key_value_groups = g

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from rsp_interp import bench
 from rsp_interp.captures import CaptureConfig
 from rsp_interp.errors import InputError
-from rsp_interp.generation import SamplingConfig, generate, unwrapped_hf_model
+from rsp_interp.generation import SamplingConfig, generate
+from rsp_interp.lean import unwrapped_hf_model
 from rsp_interp.prompts import format_prompt
 
 

@@ -142,9 +142,21 @@ def check_parity(model, out, sampling: SamplingConfig, per_step: bool = True) ->
             assert torch.equal(chosen, lp.argmax(-1)), f"greedy token differs at step {t}"
 
 
+# The three forward paths of the engine: lean with the fused attention (no capture), lean with
+# the pattern-returning attention (captures), and the bridge (interventions). Each must keep a
+# correct KV cache; the bridge path is the one transformers 5.24/5.25 broke.
+ENGINE_PATHS = {
+    "lean-fused": ("auto", CaptureConfig.off(), "lean"),
+    "lean-capture": ("auto", CaptureConfig(), "lean"),
+    "bridge": ("bridge", CaptureConfig.off(), "bridge"),
+}
+
+
+@pytest.mark.parametrize("path", list(ENGINE_PATHS))
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("position", ["end", "before-assistant", "start"])
-def test_cached_generation_equals_full_recompute_tiny(tiny_model, greedy, position):
+def test_cached_generation_equals_full_recompute_tiny(tiny_model, greedy, position, path):
+    engine, capture, used = ENGINE_PATHS[path]
     prompts = mixed_prompts(tiny_model, 3)
     assert len({len(p.ids) for p in prompts}) == 3, "want left padding in the batch"
     sampling = SamplingConfig(max_new_tokens=6, greedy=greedy, stop_at_eos=False)
@@ -154,9 +166,11 @@ def test_cached_generation_equals_full_recompute_tiny(tiny_model, greedy, positi
         draw_rsps(tiny_model, 3),
         position=position,
         sampling=sampling,
-        capture=CaptureConfig.off(),
+        capture=capture,
         sample_seeds=[11, 12, 13],
+        engine=engine,
     )
+    assert out.extra["engine"] == used
     assert out.tokens.shape == (3, 6) and (out.n_generated == 6).all()
     check_parity(tiny_model, out, sampling)
 
@@ -171,17 +185,21 @@ def test_cached_generation_without_rsp_equals_full_recompute(tiny_llama):
 
 
 @pytest.mark.real
+@pytest.mark.parametrize("path", list(ENGINE_PATHS))
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
-def test_cached_generation_equals_full_recompute_real(smollm, greedy):
+def test_cached_generation_equals_full_recompute_real(smollm, greedy, path):
+    engine, capture, used = ENGINE_PATHS[path]
     sampling = SamplingConfig(max_new_tokens=4, greedy=greedy, stop_at_eos=False)
     out = generate(
         smollm,
         mixed_prompts(smollm, 2),
         draw_rsps(smollm, 2, length=5),
         sampling=sampling,
-        capture=CaptureConfig.off(),
+        capture=capture,
         sample_seeds=[3, 4],
+        engine=engine,
     )
+    assert out.extra["engine"] == used
     check_parity(smollm, out, sampling, per_step=False)
 
 
