@@ -6,6 +6,8 @@ temperature-1 sampling from the same ~100-token chat-formatted prompts, at the s
 * ``rsp-interp``: :func:`rsp_interp.generation.generate` with an isotropic RSP (L=10, so the
   model sees 10 more positions than the other methods) and all default captures on;
 * ``rsp-interp-nocap``: the same with ``CaptureConfig.off()``;
+* ``rsp-interp-bridge``: captures on, forced through the TransformerLens bridge
+  (``engine="bridge"``, as when an intervention runs): what the bridge's hook points cost;
 * ``hf-generate``: ``generate()`` of a freshly loaded Hugging Face model (the bridge modifies its
   wrapped model in place), no hooks, default attention (sdpa);
 * ``tl-generate``: TransformerLens's ``TransformerBridge.generate`` (KV cache on).
@@ -34,7 +36,7 @@ import torch
 
 from rsp_interp.errors import InputError
 
-METHODS = ("rsp-interp", "rsp-interp-nocap", "hf-generate", "tl-generate")
+METHODS = ("rsp-interp", "rsp-interp-nocap", "rsp-interp-bridge", "hf-generate", "tl-generate")
 RSP_LENGTH = 10
 WARMUP_TOKENS = 4
 REFERENCE = "hf-generate"
@@ -304,7 +306,8 @@ def _prepare(case: Case, model_name: str, device: torch.device) -> tuple[Callabl
         return run, model, n_params(model.hf_model)
 
     rsps = RSPSampler.for_model(model, RSPConfig(length=RSP_LENGTH)).draw_batch(list(range(b)))
-    capture = CaptureConfig() if case.method == "rsp-interp" else CaptureConfig.off()
+    capture = CaptureConfig.off() if case.method == "rsp-interp-nocap" else CaptureConfig()
+    engine = "bridge" if case.method == "rsp-interp-bridge" else "auto"
 
     def run(k: int) -> Any:
         out = generate(
@@ -314,6 +317,7 @@ def _prepare(case: Case, model_name: str, device: torch.device) -> tuple[Callabl
             sampling=SamplingConfig(max_new_tokens=k, temperature=1.0, stop_at_eos=False),
             capture=capture,
             sample_seeds=list(range(b)),
+            engine=engine,
         )
         _check_len(int(out.n_generated.min()), k, case.method)
         return out
@@ -380,6 +384,7 @@ def run_case(
         "peak_mem_mb": mem.growth_mb,
         "capture_bytes": cap,
         "capture_bytes_per_token": None if cap is None else cap / generated,
+        "engine": None if out is None else out.extra.get("engine"),
         "n_params": params,
         "torch_threads": torch.get_num_threads(),
     }

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rsp_interp.errors import RSPInterpError
+from rsp_interp.errors import InputError, RSPInterpError
 from rsp_interp.runner import ANALYSES, CommonOptions, run_analysis
 
 app = typer.Typer(
@@ -132,13 +132,23 @@ def bench_cmd(
     isolate: Annotated[
         bool, typer.Option("--isolate/--no-isolate", help="Each case in a fresh process.")
     ] = True,
+    methods: Annotated[
+        str,
+        typer.Option("--methods", help="Comma-separated subset of the methods (default: all)."),
+    ] = "",
 ) -> None:
     """Tokens/s and memory of rsp-interp generation vs Hugging Face and TransformerLens generate."""
     from rsp_interp import bench, io
 
     try:
         io.prepare_out_dir(Path(out).expanduser().resolve().parent)
-        cases = bench.default_cases(quick=quick)
+        chosen = [m.strip() for m in methods.split(",") if m.strip()] or list(bench.METHODS)
+        unknown = sorted(set(chosen) - set(bench.METHODS))
+        if unknown:
+            raise InputError(
+                f"Unknown bench methods {unknown}: choose from {', '.join(bench.METHODS)}."
+            )
+        cases = bench.default_cases(quick=quick, methods=chosen)
         report = bench.run_bench(
             model,
             cases,

@@ -150,6 +150,10 @@ def test_run_case_record_structure(tiny_llama):
     assert hf["capture_bytes"] is None and hf["rsp_positions"] == 0
     tl = bench.run_case(bench.Case("tl-generate", 2, 40, 3), "tiny-llama")
     assert tl["tokens_per_s"] > 0
+    assert rec["engine"] == "lean" and hf["engine"] is None
+    via_bridge = bench.run_case(bench.Case("rsp-interp-bridge", 2, 40, 3), "tiny-llama")
+    assert via_bridge["engine"] == "bridge"
+    assert via_bridge["capture_bytes"] == rec["capture_bytes"]  # the same captures
 
 
 def test_bench_cli_writes_json_atomically(tmp_path, monkeypatch):
@@ -157,7 +161,7 @@ def test_bench_cli_writes_json_atomically(tmp_path, monkeypatch):
     from rsp_interp.cli import app
 
     cases = [bench.Case(m, 1, 40, 2) for m in ("rsp-interp", "hf-generate")]
-    monkeypatch.setattr(bench, "default_cases", lambda quick=False: cases)
+    monkeypatch.setattr(bench, "default_cases", lambda quick=False, methods=(): cases)
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(
         app, ["bench", "--model", "tiny-llama", "--no-isolate", "--out", str(out)]
@@ -175,3 +179,32 @@ def test_bench_cli_writes_json_atomically(tmp_path, monkeypatch):
     assert best["fraction_of_matmul"] == pytest.approx(
         2 * top["n_params"] * top["tokens_per_s"] / 1e9 / report["matmul_gflops"]
     )
+
+
+def test_bench_cli_rejects_unknown_methods(tmp_path):
+    from rsp_interp.cli import app
+
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(
+        app, ["bench", "--model", "tiny-llama", "--methods", "hf-generate,vllm", "--out", str(out)]
+    )
+    assert res.exit_code == 2 and "vllm" in res.output and "rsp-interp-nocap" in res.output
+    assert not out.exists()
+
+
+def test_bench_cli_methods_subset(tmp_path, monkeypatch):
+    from rsp_interp.cli import app
+
+    seen = {}
+
+    def cases(quick=False, methods=()):
+        seen["methods"] = list(methods)
+        return [bench.Case(m, 1, 40, 2) for m in methods]
+
+    monkeypatch.setattr(bench, "default_cases", cases)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "tiny-llama", "--no-isolate", "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--methods", "rsp-interp-bridge, hf-generate"])
+    assert res.exit_code == 0, res.output
+    assert seen["methods"] == ["rsp-interp-bridge", "hf-generate"]
+    assert [r["method"] for r in json.loads(out.read_text())["records"]] == seen["methods"]
