@@ -60,14 +60,20 @@ class Case:
 
 
 def default_cases(
-    quick: bool = False, methods: Sequence[str] = METHODS, prompt_len: int = 100
+    quick: bool = False,
+    methods: Sequence[str] = METHODS,
+    prompt_len: int = 100,
+    batches: Sequence[int] = (),
+    lengths: Sequence[int] = (),
 ) -> list[Case]:
-    """The standard grid: batch 1/8/32 x 128/512 new tokens (``quick``: batch 1/8, 128 only).
+    """The standard grid: batch 1/8/32 x 128/512 new tokens (``quick``: batch 1/8, 128 only);
+    ``batches``/``lengths`` replace the grid's.
 
-    Repeats shrink with the work per call so the full grid stays within minutes on 2 cores:
-    3 repeats up to 256 generated tokens per call, 2 up to 1024, then 1.
+    Repeats shrink with the work per call: 3 repeats up to 256 generated tokens per call, 2 up
+    to 1024, then 1 (``quick``: always 1).
     """
-    batches, lengths = ((1, 8), (128,)) if quick else ((1, 8, 32), (128, 512))
+    grid_b, grid_n = ((1, 8), (128,)) if quick else ((1, 8, 32), (128, 512))
+    batches, lengths = tuple(batches) or grid_b, tuple(lengths) or grid_n
     cases = []
     for n in lengths:
         for b in batches:

@@ -136,6 +136,13 @@ def bench_cmd(
         str,
         typer.Option("--methods", help="Comma-separated subset of the methods (default: all)."),
     ] = "",
+    batches: Annotated[
+        str, typer.Option("--batches", help="Comma-separated batch sizes (default: the grid's).")
+    ] = "",
+    new_tokens: Annotated[
+        str,
+        typer.Option("--new-tokens", help="Comma-separated generation lengths (default: grid's)."),
+    ] = "",
 ) -> None:
     """Tokens/s and memory of rsp-interp generation vs Hugging Face and TransformerLens generate."""
     from rsp_interp import bench, io
@@ -148,7 +155,12 @@ def bench_cmd(
             raise InputError(
                 f"Unknown bench methods {unknown}: choose from {', '.join(bench.METHODS)}."
             )
-        cases = bench.default_cases(quick=quick, methods=chosen)
+        cases = bench.default_cases(
+            quick=quick,
+            methods=chosen,
+            batches=_int_list(batches, "--batches"),
+            lengths=_int_list(new_tokens, "--new-tokens"),
+        )
         report = bench.run_bench(
             model,
             cases,
@@ -190,6 +202,15 @@ def bench_cmd(
         f"{bench.RSP_LENGTH}-vector RSP (10 extra positions)."
     )
     console.print(f"wrote {escape(str(io.write_json(Path(out), report)))}", soft_wrap=True)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(
+            f"{flag} takes comma-separated integers, e.g. 8,32; got {text!r}."
+        ) from None
 
 
 def _register_analyses() -> None:

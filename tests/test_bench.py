@@ -37,6 +37,8 @@ def test_case_validation_and_grids():
         bench.Case("vllm", 1, 100, 8)
     with pytest.raises(InputError, match=">= 1"):
         bench.Case("hf-generate", 0, 100, 8)
+    custom = bench.default_cases(methods=["hf-generate"], batches=[4], lengths=[16, 128])
+    assert [(c.batch, c.new_tokens, c.repeats) for c in custom] == [(4, 16, 3), (4, 128, 2)]
     quick = bench.default_cases(quick=True)
     assert {(c.batch, c.new_tokens) for c in quick} == {(1, 128), (8, 128)}
     full = bench.default_cases()
@@ -161,7 +163,7 @@ def test_bench_cli_writes_json_atomically(tmp_path, monkeypatch):
     from rsp_interp.cli import app
 
     cases = [bench.Case(m, 1, 40, 2) for m in ("rsp-interp", "hf-generate")]
-    monkeypatch.setattr(bench, "default_cases", lambda quick=False, methods=(): cases)
+    monkeypatch.setattr(bench, "default_cases", lambda **kw: cases)
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(
         app, ["bench", "--model", "tiny-llama", "--no-isolate", "--out", str(out)]
@@ -190,6 +192,8 @@ def test_bench_cli_rejects_unknown_methods(tmp_path):
     )
     assert res.exit_code == 2 and "vllm" in res.output and "rsp-interp-nocap" in res.output
     assert not out.exists()
+    res = CliRunner().invoke(app, ["bench", "--batches", "8,x", "--out", str(out)])
+    assert res.exit_code == 2 and "--batches" in res.output
 
 
 def test_bench_cli_methods_subset(tmp_path, monkeypatch):
@@ -197,14 +201,19 @@ def test_bench_cli_methods_subset(tmp_path, monkeypatch):
 
     seen = {}
 
-    def cases(quick=False, methods=()):
-        seen["methods"] = list(methods)
+    def cases(quick=False, methods=(), batches=(), lengths=()):
+        seen.update(methods=list(methods), batches=batches, lengths=lengths)
         return [bench.Case(m, 1, 40, 2) for m in methods]
 
     monkeypatch.setattr(bench, "default_cases", cases)
     out = tmp_path / "bench.json"
     args = ["bench", "--model", "tiny-llama", "--no-isolate", "--out", str(out)]
-    res = CliRunner().invoke(app, [*args, "--methods", "rsp-interp-bridge, hf-generate"])
+    res = CliRunner().invoke(
+        app,
+        [*args, "--methods", "rsp-interp-bridge, hf-generate", "--batches", "8,32"]
+        + ["--new-tokens", "512"],
+    )
     assert res.exit_code == 0, res.output
     assert seen["methods"] == ["rsp-interp-bridge", "hf-generate"]
+    assert seen["batches"] == [8, 32] and seen["lengths"] == [512]
     assert [r["method"] for r in json.loads(out.read_text())["records"]] == seen["methods"]
