@@ -26,7 +26,7 @@ from analyses.first_k import _clean, sampling_config
 from rsp_interp.captures import CaptureConfig
 from rsp_interp.errors import InputError
 from rsp_interp.experiment import Condition, ExperimentResult, run_experiment
-from rsp_interp.generation import Intervention
+from rsp_interp.generation import LogitsObserver
 from rsp_interp.stats import mean_ci, paired_frame, paired_test
 
 NAME = "controls"
@@ -78,23 +78,16 @@ def arms(
     return unique
 
 
-class Token1Logprobs(Intervention):
-    """An observer (changes nothing): keeps the log-probs of generated token 1 of every row, in
-    the order rows are generated, so KL to the baseline needs no extra forward pass."""
+class Token1Logprobs(LogitsObserver):
+    """Keeps the log-probs of generated token 1 of every row, in the order rows are generated,
+    so KL to the baseline needs no extra forward pass."""
 
     def __init__(self) -> None:
         self.batches: list[torch.Tensor] = []
 
-    def hooks(self, state: Any, model: Any) -> list[tuple[str, Any]]:
-        def hook(logits: torch.Tensor, hook: Any = None) -> torch.Tensor:
-            if state.phase == "prefill":
-                self.batches.append(logits[:, -1].float().log_softmax(-1).cpu())
-            return logits
-
-        return [("unembed.hook_out", hook)]
-
-    def describe(self) -> dict[str, Any]:
-        return {"type": "Token1Logprobs", "effect": "none (observer)"}
+    def observe(self, state: Any, logits: torch.Tensor) -> None:
+        if state.phase == "prefill":
+            self.batches.append(logits[:, -1].float().log_softmax(-1).cpu())
 
     def logprobs(self) -> torch.Tensor:
         return torch.cat(self.batches)

@@ -143,6 +143,9 @@ def bench_cmd(
         str,
         typer.Option("--new-tokens", help="Comma-separated generation lengths (default: grid's)."),
     ] = "",
+    prompt_len: Annotated[
+        int, typer.Option("--prompt-len", help="Prompt length in tokens.", min=8)
+    ] = 100,
 ) -> None:
     """Tokens/s and memory of rsp-interp generation vs Hugging Face and TransformerLens generate."""
     from rsp_interp import bench, io
@@ -160,6 +163,7 @@ def bench_cmd(
             methods=chosen,
             batches=_int_list(batches, "--batches"),
             lengths=_int_list(new_tokens, "--new-tokens"),
+            prompt_len=prompt_len,
         )
         report = bench.run_bench(
             model,

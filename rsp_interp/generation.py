@@ -70,6 +70,21 @@ class Intervention:
         return {"type": type(self).__name__}
 
 
+class LogitsObserver(Intervention):
+    """Reads the logits of every forward of the run (prefill, then each cached step) and changes
+    nothing. It needs no hook point, so a run with observers keeps the lean path."""
+
+    def hooks(self, state: RunState, model: Any) -> list[Hook]:
+        return []
+
+    def observe(self, state: RunState, logits: torch.Tensor) -> None:
+        """``logits`` ``[B, Q, V]`` of the forward just run (see ``state.phase`` and ``step``)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "effect": "none (observer)"}
+
+
 @dataclass
 class GenerationOutput:
     """Everything one batch produced; capture tensors are on the CPU."""
@@ -180,6 +195,7 @@ def generate(
     hooks: list[Hook] = []
     for item in interventions:
         hooks += item.hooks(state, model) if isinstance(item, Intervention) else [item]
+    observers = [x for x in interventions if isinstance(x, LogitsObserver)]
     stops = torch.tensor(sorted(stop_token_ids(model.tokenizer, model.hf_model)), device=dev)
     k = min(capture.first_k, n_steps)
     fwd_kwargs = {"logits_to_keep": 1} if _accepts(model.hf_model, "logits_to_keep") else {}
@@ -229,6 +245,8 @@ def generate(
         logits, cache = forward(
             batch.inputs_embeds, batch.attention_mask, batch.position_ids, cache, fwd_kwargs
         )
+        for obs in observers:
+            obs.observe(state, logits)
         if base is not None:
             state.phase = "baseline"
             base.prefill()
@@ -276,6 +294,8 @@ def generate(
             logits, cache = forward(
                 model.embed(safe[:, None]), attn_mask[:, : pos + 1], next_pos + t, cache, {}
             )
+            for obs in observers:
+                obs.observe(state, logits)
 
     # NaN/inf logits make a live row's entropy NaN; checked once here instead of every step.
     bad = ent.isnan() & (tokens >= 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ def grouped_eager_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float,
+    scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +66,7 @@ def grouped_eager_attention(
         )
     b, _, q, d = query.shape
     rep = h // hkv
+    scaling = d**-0.5 if scaling is None else scaling
     grouped = query.reshape(b, hkv, rep * q, d)
     weights = torch.matmul(grouped, key.transpose(2, 3)).view(b, h, q, -1) * scaling
     if attention_mask is not None:
@@ -138,13 +140,23 @@ def lean_model(model: Any) -> LeanModel:
                 memo.get(id(getattr(getattr(b, "attn", None), "original_component", None)))
                 for b in blocks
             ]
-            if any(x is None for x in layers + attns):
+            if any(x is None for x in layers + attns) or not all(map(_dispatches, attns)):
                 layers = attns = None
         fast = "sdpa" if getattr(model.hf_model, "_supports_sdpa", False) else None
         lean = model.extra["_lean"] = LeanModel(
             module, layers, attns, fast or module.config._attn_implementation
         )
     return lean
+
+
+def _dispatches(attn: torch.nn.Module) -> bool:
+    """Whether an HF attention module picks its kernel from transformers' AttentionInterface
+    (so the capture path can make it return the pattern); older or custom code may not."""
+    try:
+        source = inspect.getsource(type(attn).forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source or "attention_interface" in source
 
 
 def unwrapped_hf_model(hf_model: torch.nn.Module) -> torch.nn.Module:

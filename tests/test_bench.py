@@ -201,8 +201,8 @@ def test_bench_cli_methods_subset(tmp_path, monkeypatch):
 
     seen = {}
 
-    def cases(quick=False, methods=(), batches=(), lengths=()):
-        seen.update(methods=list(methods), batches=batches, lengths=lengths)
+    def cases(quick=False, methods=(), batches=(), lengths=(), prompt_len=100):
+        seen.update(methods=list(methods), batches=batches, lengths=lengths, prompt_len=prompt_len)
         return [bench.Case(m, 1, 40, 2) for m in methods]
 
     monkeypatch.setattr(bench, "default_cases", cases)
@@ -211,9 +211,9 @@ def test_bench_cli_methods_subset(tmp_path, monkeypatch):
     res = CliRunner().invoke(
         app,
         [*args, "--methods", "rsp-interp-bridge, hf-generate", "--batches", "8,32"]
-        + ["--new-tokens", "512"],
+        + ["--new-tokens", "512", "--prompt-len", "300"],
     )
     assert res.exit_code == 0, res.output
     assert seen["methods"] == ["rsp-interp-bridge", "hf-generate"]
-    assert seen["batches"] == [8, 32] and seen["lengths"] == [512]
+    assert seen["batches"] == [8, 32] and seen["lengths"] == [512] and seen["prompt_len"] == 300
     assert [r["method"] for r in json.loads(out.read_text())["records"]] == seen["methods"]

@@ -165,3 +165,57 @@ def test_lean_copy_uses_few_rows_linear_and_the_bridge_keeps_nn_linear(tiny_llam
     bridge_types = {type(m) for m in tiny_llama.hf_model.modules()}
     assert FewRowsLinear in lean_types and torch.nn.Linear not in lean_types
     assert FewRowsLinear not in bridge_types
+
+
+def test_attention_code_that_does_not_dispatch_is_captured_through_the_bridge(tiny_llama):
+    """An attention module whose forward does not pick its kernel from AttentionInterface
+    cannot be made to return its pattern: the engine then records through the bridge."""
+    import dataclasses
+
+    from rsp_interp import lean as lean_mod
+
+    assert lean_mod._dispatches(lean_model(tiny_llama).attns[0])
+
+    class Custom(torch.nn.Module):
+        def forward(self, x):
+            return x, None
+
+    assert not lean_mod._dispatches(Custom())
+    model = dataclasses.replace(tiny_llama, extra={})
+    lean = lean_model(model)
+    lean.layers = lean.attns = None  # as lean_model leaves them for such a model
+    prompts, rsps = prompts_and_rsps(tiny_llama, 1)
+    out = generate(model, prompts, rsps, sampling=SamplingConfig(max_new_tokens=2, greedy=True))
+    assert out.extra["engine"] == "bridge"
+    off = generate(
+        model,
+        prompts,
+        rsps,
+        sampling=SamplingConfig(max_new_tokens=2, greedy=True),
+        capture=CaptureConfig.off(),
+    )
+    assert off.extra["engine"] == "lean"  # nothing to capture: the fused path still applies
+
+
+def test_logits_observers_see_every_forward_and_keep_the_lean_path(tiny_llama):
+    from rsp_interp.generation import LogitsObserver
+
+    class Keep(LogitsObserver):
+        def __init__(self):
+            self.seen = []
+
+        def observe(self, state, logits):
+            self.seen.append((state.phase, state.step, logits[:, -1].clone()))
+
+    prompts, rsps = prompts_and_rsps(tiny_llama, 2)
+    obs = Keep()
+    sampling = SamplingConfig(max_new_tokens=3, greedy=True, stop_at_eos=False)
+    out = generate(tiny_llama, prompts, rsps, sampling=sampling, interventions=[obs])
+    assert out.extra["engine"] == "lean"
+    assert [(p, s) for p, s, _ in obs.seen] == [("prefill", 0), ("step", 1), ("step", 2)]
+    for t, (_, _, logits) in enumerate(obs.seen):  # the logits the tokens were chosen from
+        lp = logits.float().log_softmax(-1)
+        assert torch.equal(lp.argmax(-1), out.tokens[:, t])
+        torch.testing.assert_close(
+            lp.gather(-1, out.tokens[:, t : t + 1])[:, 0], out.chosen_logprob[:, t]
+        )
