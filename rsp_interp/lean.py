@@ -6,9 +6,14 @@ SmolLM2-135M, where a whole batch-8 step takes 0.3 s). When a run needs no Trans
 (no intervention, no user hook) the engine runs the original HF modules instead:
 
 - with no capture, with the fused ``sdpa`` attention where the model supports it;
-- with captures, with the model's own eager attention (which returns the pattern) and plain
-  PyTorch hooks on each decoder layer and attention module, feeding the same
-  :class:`~rsp_interp.captures.Recorder` reductions as the bridge's hook points.
+- with captures, with an eager attention that returns the pattern
+  (:func:`grouped_eager_attention`) and plain PyTorch hooks on each decoder layer and attention
+  module, feeding the same :class:`~rsp_interp.captures.Recorder` reductions as the bridge's
+  hook points;
+- in both, linear layers that pick a faster CPU kernel for a few rows (:class:`FewRowsLinear`).
+
+Models whose attention code does not dispatch through transformers' ``AttentionInterface``
+record captures through the bridge instead.
 
 Both share every weight with the bridge (no copy). Tests check that logits and every capture
 match the bridge path.
