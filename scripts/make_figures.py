@@ -33,8 +33,9 @@ def main() -> None:
     for name in args.only:
         run_dir = ROOT / "runs" / "figures" / name
         t = time.perf_counter()
-        run_analysis(name, CommonOptions(model=args.model, out=str(run_dir)), model=model,
-                     command=sys.argv)
+        run_analysis(
+            name, CommonOptions(model=args.model, out=str(run_dir)), model=model, command=sys.argv
+        )
         timings[name + "_s"] = round(time.perf_counter() - t, 1)
         print(f"{name}: {timings[name + '_s']} s", flush=True)
         dest = ROOT / "figures" / name
