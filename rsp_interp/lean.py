@@ -122,7 +122,8 @@ class LeanModel:
 
     @contextlib.contextmanager
     def attention(self, implementation: str) -> Iterator[None]:
-        """Run with ``implementation`` ("eager", "sdpa") for the duration of the block."""
+        """Run with attention ``implementation`` (``CAPTURE_ATTENTION``, ``fast_attention``)
+        for the duration of the block."""
         config = self.module.config
         saved = config._attn_implementation
         config._attn_implementation = implementation
@@ -145,20 +146,22 @@ def lean_model(model: Any) -> LeanModel:
                 memo.get(id(getattr(getattr(b, "attn", None), "original_component", None)))
                 for b in blocks
             ]
-            if any(x is None for x in layers + attns) or not all(map(_dispatches, attns)):
+            if any(x is None for x in layers + attns) or not all(
+                map(_dispatches, {type(a) for a in attns})
+            ):
                 layers = attns = None
-        fast = "sdpa" if getattr(model.hf_model, "_supports_sdpa", False) else None
+        # _unwrap already chose the copy's fast implementation (sdpa where supported)
         lean = model.extra["_lean"] = LeanModel(
-            module, layers, attns, fast or module.config._attn_implementation
+            module, layers, attns, module.config._attn_implementation
         )
     return lean
 
 
-def _dispatches(attn: torch.nn.Module) -> bool:
-    """Whether an HF attention module picks its kernel from transformers' AttentionInterface
+def _dispatches(attn_class: type) -> bool:
+    """Whether an HF attention class picks its kernel from transformers' AttentionInterface
     (so the capture path can make it return the pattern); older or custom code may not."""
     try:
-        source = inspect.getsource(type(attn).forward)
+        source = inspect.getsource(attn_class.forward)
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in source or "attention_interface" in source

@@ -174,13 +174,13 @@ def test_attention_code_that_does_not_dispatch_is_captured_through_the_bridge(ti
 
     from rsp_interp import lean as lean_mod
 
-    assert lean_mod._dispatches(lean_model(tiny_llama).attns[0])
+    assert lean_mod._dispatches(type(lean_model(tiny_llama).attns[0]))
 
     class Custom(torch.nn.Module):
         def forward(self, x):
             return x, None
 
-    assert not lean_mod._dispatches(Custom())
+    assert not lean_mod._dispatches(Custom)
     model = dataclasses.replace(tiny_llama, extra={})
     lean = lean_model(model)
     lean.layers = lean.attns = None  # as lean_model leaves them for such a model
