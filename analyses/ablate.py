@@ -41,12 +41,11 @@ from tqdm.auto import tqdm
 
 from rsp_interp.captures import RunState
 from rsp_interp.errors import InputError
-from rsp_interp.experiment import ExperimentResult
+from rsp_interp.experiment import ExperimentResult, tokenize_problems
 from rsp_interp.generation import Intervention
-from rsp_interp.injection import InjectedBatch, Role, build_batch, tokenize_prompt
+from rsp_interp.injection import InjectedBatch, Role, build_batch
 from rsp_interp.interventions import MaskAttentionToRSP, PatchResidualAtRSP, RecordResidualAtRSP
 from rsp_interp.metrics import entropy
-from rsp_interp.prompts import format_prompt
 from rsp_interp.rsp import RSP_KINDS, RSPSampler, derive_seed
 
 NAME = "ablate"
@@ -287,10 +286,7 @@ def experiment(
     cfg = opts.rsp()
     if patch_every is None:
         patch_every = END_PATCH_EVERY if cfg.position == "end" else 1
-    if not problems:
-        raise InputError("No prompts: pass at least one problem (e.g. --n-prompts 1).")
-    tok = model.tokenizer
-    tps = [tokenize_prompt(format_prompt(p.question, tok, chat=model.chat), tok) for p in problems]
+    tps = tokenize_problems(model, problems)
     cells = [(i, s) for i in range(len(problems)) for s in range(opts.samples)]
     chunks = [cells[a : a + opts.batch_size] for a in range(0, len(cells), opts.batch_size)]
     sampler = RSPSampler.for_model(model, cfg)

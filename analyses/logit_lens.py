@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 
 from analyses.residual_norms import add_band, layer_band
 from rsp_interp.errors import InputError
-from rsp_interp.experiment import METRIC_COLUMNS, ExperimentResult
-from rsp_interp.injection import build_batch, tokenize_prompt
+from rsp_interp.experiment import METRIC_COLUMNS, ExperimentResult, tokenize_problems
+from rsp_interp.injection import build_batch
 from rsp_interp.metrics import entropy
-from rsp_interp.prompts import format_prompt
 from rsp_interp.rsp import RSPSampler, derive_seed
 from rsp_interp.stats import mean_ci, paired_frame, paired_test
 
@@ -127,10 +126,7 @@ def experiment(model: Any, problems: list, opts: Any, draws: int | None = None) 
     draws = opts.samples * DRAWS_PER_SAMPLE if draws is None else draws
     if draws < 1:
         raise InputError(f"--draws must be >= 1, got {draws}.")
-    if not problems:
-        raise InputError("No prompts: pass at least one problem (e.g. --n-prompts 1).")
-    tok = model.tokenizer
-    tps = [tokenize_prompt(format_prompt(p.question, tok, chat=model.chat), tok) for p in problems]
+    tps = tokenize_problems(model, problems)
     cfg = opts.rsp()
     sampler = RSPSampler.for_model(model, cfg)
     bs = opts.batch_size

@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 
 from rsp_interp.captures import CaptureConfig, RunState
 from rsp_interp.errors import InputError
-from rsp_interp.experiment import ROLE_NAMES, ExperimentResult
+from rsp_interp.experiment import ROLE_NAMES, ExperimentResult, tokenize_problems
 from rsp_interp.generation import Hook, Intervention, SamplingConfig, generate
-from rsp_interp.injection import Role, tokenize_prompt
-from rsp_interp.prompts import format_prompt
+from rsp_interp.injection import Role
 from rsp_interp.rsp import RSPSampler, derive_seed
 from rsp_interp.stats import mean_ci, paired_test
 
@@ -132,10 +131,7 @@ def experiment(model: Any, problems: list, opts: Any, n_top: int = N_TOP) -> Exp
     """RSP vs no-RSP generation with the activation recorder on every layer."""
     if n_top < 1:
         raise InputError(f"--n-top must be >= 1, got {n_top}.")
-    if not problems:
-        raise InputError("No prompts: pass at least one problem (e.g. --n-prompts 1).")
-    tok = model.tokenizer
-    tps = [tokenize_prompt(format_prompt(p.question, tok, chat=model.chat), tok) for p in problems]
+    tps = tokenize_problems(model, problems)
     sampling = SamplingConfig(
         max_new_tokens=opts.max_new_tokens,
         temperature=opts.temperature,

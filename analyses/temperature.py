@@ -39,11 +39,16 @@ from analyses.first_k import (
 )
 from rsp_interp.captures import CaptureConfig
 from rsp_interp.errors import InputError
-from rsp_interp.experiment import METRIC_COLUMNS, Condition, ExperimentResult, run_experiment
+from rsp_interp.experiment import (
+    METRIC_COLUMNS,
+    Condition,
+    ExperimentResult,
+    run_experiment,
+    tokenize_problems,
+)
 from rsp_interp.generation import SamplingConfig, filter_logits
-from rsp_interp.injection import build_batch, tokenize_prompt
+from rsp_interp.injection import build_batch
 from rsp_interp.metrics import entropy
-from rsp_interp.prompts import format_prompt
 from rsp_interp.rsp import derive_seed
 from rsp_interp.stats import mean_ci, paired_test
 
@@ -61,8 +66,7 @@ def capture_config(k: int) -> CaptureConfig:
 @torch.no_grad()
 def first_token_logits(model: Any, problems: list, batch_size: int = 16) -> torch.Tensor:
     """No-RSP logits of generated token 1 for each problem, ``[P, V]`` float32 on the CPU."""
-    tok = model.tokenizer
-    tps = [tokenize_prompt(format_prompt(p.question, tok, chat=model.chat), tok) for p in problems]
+    tps = tokenize_problems(model, problems)
     out = []
     for start in range(0, len(tps), batch_size):
         batch = build_batch(model, tps[start : start + batch_size], None)

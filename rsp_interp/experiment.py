@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from rsp_interp.captures import ATTN_GROUPS, CaptureConfig
 from rsp_interp.errors import InputError
 from rsp_interp.generation import GenerationOutput, Intervention, SamplingConfig, generate
-from rsp_interp.injection import Role, tokenize_prompt
+from rsp_interp.injection import Role, TokenizedPrompt, tokenize_prompt
 from rsp_interp.prompts import Problem, extract_answer, format_prompt, is_correct
 from rsp_interp.rsp import RSPConfig, RSPSampler, derive_seed
 
@@ -68,6 +68,15 @@ class ExperimentResult:
     config: dict[str, Any]
 
 
+def tokenize_problems(model: Any, problems: Sequence[Problem]) -> list[TokenizedPrompt]:
+    """Each problem's question, chat-formatted as ``model`` expects, tokenised; an
+    :class:`InputError` when there is none."""
+    if not problems:
+        raise InputError("No prompts: pass at least one problem (e.g. --n-prompts 1).")
+    tok = model.tokenizer
+    return [tokenize_prompt(format_prompt(p.question, tok, chat=model.chat), tok) for p in problems]
+
+
 def run_experiment(
     model: Any,
     problems: Sequence[Problem],
@@ -80,8 +89,7 @@ def run_experiment(
     progress: bool = True,
 ) -> ExperimentResult:
     """Generate ``n_samples`` per prompt per condition, capture, and tidy the results."""
-    if not problems:
-        raise InputError("No prompts: pass at least one problem (e.g. --n-prompts 1).")
+    tps = tokenize_problems(model, problems)
     if n_samples < 1 or batch_size < 1:
         raise InputError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}.")
     names = [c.name for c in conditions]
@@ -89,8 +97,6 @@ def run_experiment(
         raise InputError(f"Condition names must be unique, got {names}.")
     sampling = sampling or SamplingConfig()
     capture = capture if capture is not None else CaptureConfig()
-    tok = model.tokenizer
-    tps = [tokenize_prompt(format_prompt(p.question, tok, chat=model.chat), tok) for p in problems]
     cells = [(i, s) for i in range(len(problems)) for s in range(n_samples)]
     metrics, samples, prefill = [], [], []
     n_batches = sum(-(-len(cells) // batch_size) for _ in conditions)
